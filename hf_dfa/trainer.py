@@ -1,0 +1,143 @@
+"""`DFATrainer`: `transformers.Trainer` with the training rule of a `DFAConfig` attached to the model.
+
+The trainer overrides only what the rule needs: the FLOPs per step, saving the DFA settings beside every
+checkpoint, checking them on resume, and stopping a run whose loss stops being finite. Everything else
+(optimiser, schedule, gradient accumulation, mixed precision, DDP, logging, the Hub) is `Trainer`'s.
+"""
+
+import os
+from typing import Optional
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .blocks import UnsupportedModelError
+from .config import DFA_CONFIG_NAME, DFAConfig, DFAConfigError
+from .feedback import attach_feedback
+from .flops import FlopCounts
+
+logger = logging.get_logger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Raised by the recipes when a run stopped because its training loss was NaN or infinite."""
+
+
+class DivergenceCallback(TrainerCallback):
+    """Stop training, without saving or evaluating, once a non-finite training loss was seen.
+
+    The check reads the trainer's flag only on steps that log, evaluate, save or end training, so it adds no
+    device synchronisation to the other steps. Nothing is saved after the loss stopped being finite, so the
+    last checkpoint on disk is the last good one.
+    """
+
+    def __init__(self, trainer: "DFATrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not (control.should_log or control.should_evaluate or control.should_save or control.should_training_stop):
+            if state.global_step < state.max_steps:
+                return
+        if bool(self.trainer.nonfinite_loss):
+            self.trainer.diverged_at_step = state.global_step
+            control.should_training_stop = True
+            control.should_save = False
+            control.should_evaluate = False
+            control.should_log = False
+            logger.error(f"Training loss became NaN or infinite by step {state.global_step}; stopping.")
+
+
+class DFATrainer(Trainer):
+    """A `transformers.Trainer` that trains the model by backpropagation, DFA or the shallow rule.
+
+    Args:
+        model (`PreTrainedModel`): the causal LM; the rule's hooks are attached to it here, before the optimiser
+            is created.
+        args (`TrainingArguments`): as for `Trainer`.
+        dfa_config (`DFAConfig`, *optional*): the rule and feedback settings; default `DFAConfig()` (DFA).
+        **kwargs: every other `Trainer` argument.
+
+    With `dfa_config.rule == "bp"` no hook is attached and the trainer computes what `Trainer` computes.
+    """
+
+    def __init__(self, model=None, args=None, dfa_config: Optional[DFAConfig] = None, **kwargs):
+        if model is None:
+            raise ValueError("DFATrainer needs `model`; `model_init` is not supported because the hooks attach once.")
+        self.dfa_config = dfa_config or DFAConfig()
+        self.feedback = attach_feedback(model, self.dfa_config) if self.dfa_config.rule != "bp" else None
+        self.flop_counts = self._make_flop_counts(model)
+        self.nonfinite_loss = torch.zeros((), dtype=torch.bool)
+        self.diverged_at_step = None
+
+        super().__init__(model=model, args=args, **kwargs)
+        self.add_callback(DivergenceCallback(self))
+
+    def _make_flop_counts(self, model) -> Optional[FlopCounts]:
+        if self.feedback is not None:
+            return FlopCounts.from_model(model, self.feedback.blocks)
+        try:
+            from .blocks import find_blocks
+
+            blocks, _ = find_blocks(model, self.dfa_config.blocks, self.dfa_config.final_norm)
+        except UnsupportedModelError:
+            # plain backpropagation on an unknown architecture: fall back to Trainer's 6 * N * tokens
+            return None
+        return FlopCounts.from_model(model, blocks)
+
+    # ---- training ----
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # accumulated on the loss's device, read only by DivergenceCallback
+        self.nonfinite_loss = self.nonfinite_loss.to(loss.device) | ~torch.isfinite(loss)
+        return loss
+
+    def floating_point_ops(self, inputs) -> int:
+        """Return the FLOPs of one forward and backward on `inputs` under the trainer's rule (see `hf_dfa.flops`)."""
+        input_ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        if self.flop_counts is None or input_ids is None:
+            return super().floating_point_ops(inputs)
+        seq_len = input_ids.shape[-1]
+        return input_ids.numel() * self.flop_counts.training_per_token(self.dfa_config, seq_len)
+
+    def log(self, logs, start_time=None):
+        # bring state.total_flos up to date for evaluation rows too, which Trainer logs without storing the FLOPs
+        self.store_flos()
+        super().log(logs, start_time)
+
+    # ---- checkpoints ----
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            self.dfa_config.save_pretrained(output_dir)
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(
+                    f"No checkpoint to resume from in {self.args.output_dir}; drop --resume_from_checkpoint or point "
+                    "it at a checkpoint directory."
+                )
+        if isinstance(resume_from_checkpoint, str):
+            self.check_checkpoint_config(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def check_checkpoint_config(self, checkpoint: str) -> None:
+        """Raise `DFAConfigError` unless `checkpoint` holds DFA settings equal to this trainer's."""
+        if not os.path.isdir(checkpoint):
+            raise DFAConfigError(f"Checkpoint directory {checkpoint} not found; pass an existing checkpoint path.")
+        saved = DFAConfig.from_pretrained(checkpoint)
+        current = self.dfa_config.to_dict()
+        ignored = {"alignment_every"}
+        changed = {k: (v, current[k]) for k, v in saved.to_dict().items() if k not in ignored and current[k] != v}
+        if changed:
+            details = ", ".join(f"{k}: saved {old!r}, now {new!r}" for k, (old, new) in sorted(changed.items()))
+            raise DFAConfigError(
+                f"The DFA settings of {checkpoint} ({DFA_CONFIG_NAME}) differ from this run's ({details}); resume "
+                "with the saved settings or start a new output directory."
+            )
