@@ -3,7 +3,6 @@
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
 
 RULES = ("bp", "dfa", "shallow")
 FEEDBACK_DISTRIBUTIONS = ("gaussian", "uniform", "identity")
@@ -72,14 +71,14 @@ class DFAConfig:
             "`error_source=last_block`. Default: off."
         },
     )
-    blocks: Optional[str] = field(
+    blocks: str | None = field(
         default=None,
         metadata={
             "help": "Dotted path of the model's list of blocks, e.g. `transformer.h` or `model.layers`. Default: "
             "looked up from the model type."
         },
     )
-    final_norm: Optional[str] = field(
+    final_norm: str | None = field(
         default=None,
         metadata={
             "help": "Dotted path of the final norm applied after the last block, e.g. `transformer.ln_f`. Default: "
@@ -102,7 +101,9 @@ class DFAConfig:
                 f"`feedback` must be one of {', '.join(FEEDBACK_DISTRIBUTIONS)}, got {self.feedback!r}."
             )
         if self.error_source not in ERROR_SOURCES:
-            raise DFAConfigError(f"`error_source` must be one of {', '.join(ERROR_SOURCES)}, got {self.error_source!r}.")
+            raise DFAConfigError(
+                f"`error_source` must be one of {', '.join(ERROR_SOURCES)}, got {self.error_source!r}."
+            )
         if not self.feedback_scale > 0:
             raise DFAConfigError(f"`feedback_scale` must be positive, got {self.feedback_scale}.")
         if self.alignment_every < 0:
@@ -147,7 +148,9 @@ class DFAConfig:
             with open(path) as f:
                 values = json.load(f)
         except json.JSONDecodeError as err:
-            raise DFAConfigError(f"{path} is not valid JSON ({err}); delete the checkpoint or restore the file.")
+            raise DFAConfigError(
+                f"{path} is not valid JSON ({err}); delete the checkpoint or restore the file."
+            ) from err
         if not isinstance(values, dict):
             raise DFAConfigError(f"{path} must contain a JSON object, got {type(values).__name__}.")
         return cls.from_dict(values)

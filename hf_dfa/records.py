@@ -11,7 +11,6 @@ import json
 import math
 import os
 import time
-from typing import Optional
 
 from transformers import TrainerCallback
 
@@ -31,7 +30,7 @@ def write_json_atomic(path: str, value) -> None:
     os.replace(tmp, path)
 
 
-def read_run_record(output_dir: str) -> Optional[dict]:
+def read_run_record(output_dir: str) -> dict | None:
     path = os.path.join(output_dir, RUN_RECORD)
     if not os.path.isfile(path):
         return None
@@ -39,14 +38,14 @@ def read_run_record(output_dir: str) -> Optional[dict]:
         return json.load(f)
 
 
-def update_run_record(output_dir: str, **values) -> dict:
-    """Merge `values` into `run.json` of `output_dir` and rewrite it atomically; return the new record."""
+def update_run_record(run_dir: str, **values) -> dict:
+    """Merge `values` into `run.json` of `run_dir` and rewrite it atomically; return the new record."""
     if "status" in values and values["status"] not in STATUSES:
         raise ValueError(f"`status` must be one of {', '.join(STATUSES)}, got {values['status']!r}.")
-    os.makedirs(output_dir, exist_ok=True)
-    record = read_run_record(output_dir) or {}
+    os.makedirs(run_dir, exist_ok=True)
+    record = read_run_record(run_dir) or {}
     record.update(values)
-    write_json_atomic(os.path.join(output_dir, RUN_RECORD), record)
+    write_json_atomic(os.path.join(run_dir, RUN_RECORD), record)
     return record
 
 

@@ -6,7 +6,6 @@ checkpoint, checking them on resume, and stopping a run whose loss stops being f
 """
 
 import os
-from typing import Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -37,9 +36,9 @@ class DivergenceCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not (control.should_log or control.should_evaluate or control.should_save or control.should_training_stop):
-            if state.global_step < state.max_steps:
-                return
+        acting = control.should_log or control.should_evaluate or control.should_save or control.should_training_stop
+        if not acting and state.global_step < state.max_steps:
+            return
         if bool(self.trainer.nonfinite_loss):
             self.trainer.diverged_at_step = state.global_step
             control.should_training_stop = True
@@ -62,7 +61,7 @@ class DFATrainer(Trainer):
     With `dfa_config.rule == "bp"` no hook is attached and the trainer computes what `Trainer` computes.
     """
 
-    def __init__(self, model=None, args=None, dfa_config: Optional[DFAConfig] = None, **kwargs):
+    def __init__(self, model=None, args=None, dfa_config: DFAConfig | None = None, **kwargs):
         if model is None:
             raise ValueError("DFATrainer needs `model`; `model_init` is not supported because the hooks attach once.")
         self.dfa_config = dfa_config or DFAConfig()
@@ -74,7 +73,7 @@ class DFATrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(DivergenceCallback(self))
 
-    def _make_flop_counts(self, model) -> Optional[FlopCounts]:
+    def _make_flop_counts(self, model) -> FlopCounts | None:
         if self.feedback is not None:
             return FlopCounts.from_model(model, self.feedback.blocks)
         try:
@@ -109,7 +108,7 @@ class DFATrainer(Trainer):
 
     # ---- checkpoints ----
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None):
+    def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:

@@ -82,7 +82,7 @@ def hand_computed_dfa_grads(model, ids, feedback_for_block, error_at="last_block
 def assert_grads_match(actual, expected):
     assert set(actual) == set(expected)
     for name, grad in expected.items():
-        torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("feedback", ["gaussian", "uniform"])

@@ -98,7 +98,7 @@ def test_dfa_accumulation_equals_full_batch(tmp_path):
         runs[name] = trainer.model
 
     for (name, p), q in zip(runs["full"].named_parameters(), runs["accumulated"].parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_dfa_changes_every_trainable_parameter(tmp_path):
@@ -162,7 +162,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     # the resumed log history carries the first three steps from the checkpoint
     assert losses(second) == losses(full)
     for (name, p), q in zip(full.model.named_parameters(), second.model.parameters()):
-        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_resume_rejects_changed_feedback(tmp_path):
