@@ -21,7 +21,7 @@ logger = logging.get_logger(__name__)
 
 
 class TrainingDivergedError(RuntimeError):
-    """Raised by the recipes when a run stopped because its training loss was NaN or infinite."""
+    """Raised by the training recipe when a run stopped because its training loss became NaN or infinite."""
 
 
 class DivergenceCallback(TrainerCallback):
@@ -127,7 +127,7 @@ class DFATrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def check_checkpoint_config(self, checkpoint: str) -> None:
-        """Raise `DFAConfigError` unless `checkpoint` holds DFA settings equal to this trainer's."""
+        """Raise `DFAConfigError` unless `checkpoint` contains DFA settings equal to this trainer's."""
         if not os.path.isdir(checkpoint):
             raise DFAConfigError(f"Checkpoint directory {checkpoint} not found; pass an existing checkpoint path.")
         saved = DFAConfig.from_pretrained(checkpoint)
