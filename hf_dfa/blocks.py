@@ -1,7 +1,5 @@
 """Where the blocks and the final norm sit in each Hugging Face causal LM architecture."""
 
-from typing import Optional
-
 from torch import nn
 
 # `config.model_type` -> (dotted path of the list of blocks, dotted path of the final norm)
@@ -18,6 +16,21 @@ MODEL_BLOCKS = {
     "qwen2": ("model.layers", "model.norm"),
     "gemma": ("model.layers", "model.norm"),
     "phi": ("model.layers", "model.final_layernorm"),
+    "codegen": ("transformer.h", "transformer.ln_f"),
+    "gpt_bigcode": ("transformer.h", "transformer.ln_f"),
+    "mpt": ("transformer.blocks", "transformer.norm_f"),
+    "mixtral": ("model.layers", "model.norm"),
+    "qwen3": ("model.layers", "model.norm"),
+    "gemma2": ("model.layers", "model.norm"),
+    "gemma3_text": ("model.layers", "model.norm"),
+    "phi3": ("model.layers", "model.norm"),
+    "starcoder2": ("model.layers", "model.norm"),
+    "stablelm": ("model.layers", "model.norm"),
+    "olmo": ("model.layers", "model.norm"),
+    "olmo2": ("model.layers", "model.norm"),
+    "granite": ("model.layers", "model.norm"),
+    "cohere": ("model.layers", "model.norm"),
+    "smollm3": ("model.layers", "model.norm"),
 }
 
 
@@ -37,8 +50,8 @@ def get_submodule(model: nn.Module, path: str, what: str, option: str) -> nn.Mod
 
 
 def find_blocks(
-    model: nn.Module, blocks: Optional[str] = None, final_norm: Optional[str] = None
-) -> tuple[nn.ModuleList, Optional[nn.Module]]:
+    model: nn.Module, blocks: str | None = None, final_norm: str | None = None
+) -> tuple[nn.ModuleList, nn.Module | None]:
     """Return the model's list of blocks and its final norm, from the user's paths or the `MODEL_BLOCKS` table.
 
     Args:
@@ -65,5 +78,11 @@ def find_blocks(
             f"`blocks={blocks!r}` must name a non-empty nn.ModuleList of blocks in model type {model_type!r}, got "
             f"{type(block_list).__name__}."
         )
-    norm = get_submodule(model, final_norm, "final norm", "final_norm") if final_norm else None
+    norm = None
+    if final_norm:
+        parent_path, _, name = final_norm.rpartition(".")
+        parent = get_submodule(model, parent_path, "final norm", "final_norm")
+        # OPT with `do_layer_norm_before=False` (opt-350m) has its final norm set to None
+        if not (hasattr(parent, name) and getattr(parent, name) is None):
+            norm = get_submodule(model, final_norm, "final norm", "final_norm")
     return block_list, norm

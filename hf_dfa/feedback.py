@@ -12,12 +12,17 @@ DDP's all-reduce, gradient accumulation, fp16 loss scaling and clipping see ordi
 """
 
 import math
-from typing import Optional
 
 import torch
+import transformers
 from torch import nn
 
-from .blocks import find_blocks
+try:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # transformers without the shared checkpointing layer
+    GradientCheckpointingLayer = None
+
+from .blocks import UnsupportedModelError, find_blocks
 from .config import DFAConfig
 
 
@@ -34,7 +39,45 @@ def replace_hidden_states(output, hidden_states):
     return hidden_states
 
 
-def make_feedback_matrices(config: DFAConfig, n_blocks: int, d_error: int, d_model: int) -> Optional[torch.Tensor]:
+def check_checkpointing_keeps_hooks_outside(block: nn.Module) -> None:
+    """Raise `UnsupportedModelError` if gradient checkpointing of `block` would run the DFA hooks a second time.
+
+    Older transformers releases (5.5.3 among them) checkpoint the whole module call in
+    `GradientCheckpointingLayer.__call__`, hooks included, so the backward pass replays the hooks. transformers 5.25
+    checkpoints `forward` only and leaves the hooks outside.
+    """
+    if not getattr(block, "gradient_checkpointing", False):
+        return
+    if GradientCheckpointingLayer is not None and "__call__" in vars(GradientCheckpointingLayer):
+        raise UnsupportedModelError(
+            f"transformers {transformers.__version__} checkpoints the whole call of each block, so the DFA hooks would "
+            "run again in the backward pass. Turn gradient checkpointing off or upgrade transformers to a version "
+            "that checkpoints `forward` only (5.25 does)."
+        )
+
+
+def uses_reentrant_checkpointing(block: nn.Module) -> bool:
+    """Return whether `block` runs under reentrant gradient checkpointing in this forward pass."""
+    if not (getattr(block, "gradient_checkpointing", False) and block.training):
+        return False
+    check_checkpointing_keeps_hooks_outside(block)
+    checkpoint = getattr(block, "_gradient_checkpointing_func", None)
+    # torch.utils.checkpoint treats a missing `use_reentrant` as True
+    return bool(getattr(checkpoint, "keywords", {}).get("use_reentrant", True))
+
+
+def cut_gradient(hidden_states: torch.Tensor, reentrant: bool) -> torch.Tensor:
+    """Return `hidden_states` cut from the autograd graph of the blocks below.
+
+    Reentrant checkpointing runs a block's forward without gradient and only builds the graph in the backward pass
+    if one of its inputs requires gradient, so under it the cut input becomes a leaf that requires gradient. The
+    block then also computes the gradient of its input, which nothing uses.
+    """
+    detached = hidden_states.detach()
+    return detached.requires_grad_(True) if reentrant else detached
+
+
+def make_feedback_matrices(config: DFAConfig, n_blocks: int, d_error: int, d_model: int) -> torch.Tensor | None:
     """Draw the fixed feedback matrices from `config.feedback_seed`, on the CPU so every device gets the same ones.
 
     Returns `None` for `feedback="identity"`, otherwise a float32 tensor of shape `(n_matrices, d_error, d_model)`
@@ -111,6 +154,12 @@ class FeedbackHandle:
     # ---- dfa ----
 
     def _attach_dfa(self):
+        layerdrop = max(getattr(module, "layerdrop", 0.0) or 0.0 for module in self.model.modules())
+        if layerdrop > 0:
+            raise UnsupportedModelError(
+                f"DFA needs every block to run in every training step, but layerdrop={layerdrop} skips blocks at "
+                "random; build the model with `layerdrop=0.0` in its config."
+            )
         d_model = self.model.config.hidden_size
         if self.config.error_source == "logits":
             head = self.model.get_output_embeddings()
@@ -121,6 +170,7 @@ class FeedbackHandle:
         self.matrices = make_feedback_matrices(self.config, self.n_blocks, d_error, d_model)
 
         for index, block in enumerate(self.blocks):
+            check_checkpointing_keeps_hooks_outside(block)
             self.hooks.append(block.register_forward_pre_hook(self._make_pre_hook(index), with_kwargs=True))
             self.hooks.append(block.register_forward_hook(self._make_output_hook(index)))
 
@@ -128,14 +178,21 @@ class FeedbackHandle:
         def pre_hook(module, args, kwargs):
             if not torch.is_grad_enabled():
                 return None
+            reentrant = uses_reentrant_checkpointing(module)
             if index == 0:
                 # the first block keeps its input attached so that the embeddings learn from its local backward
                 self.block_outputs = []
                 return None
             if args:
-                return (args[0].detach(),) + tuple(args[1:]), kwargs
+                return (cut_gradient(args[0], reentrant),) + tuple(args[1:]), kwargs
+            if "hidden_states" not in kwargs:
+                raise UnsupportedModelError(
+                    f"Block {index} of {type(self.model).__name__} was called without positional arguments and "
+                    f"without a `hidden_states` keyword (got {sorted(kwargs)}), so DFA cannot find its input; pass the hidden "
+                    "states first or as `hidden_states=`."
+                )
             kwargs = dict(kwargs)
-            kwargs["hidden_states"] = kwargs["hidden_states"].detach()
+            kwargs["hidden_states"] = cut_gradient(kwargs["hidden_states"], reentrant)
             return args, kwargs
 
         return pre_hook
@@ -166,10 +223,12 @@ class FeedbackHandle:
     def pop_logits_error(self) -> torch.Tensor:
         error, self.logits_error = self.logits_error, None
         if error is None:
-            raise RuntimeError("No gradient reached the logits before the feedback; the LM head must produce the loss.")
+            raise RuntimeError(
+                "No gradient reached the logits before the feedback; the LM head must produce the loss."
+            )
         return error
 
-    def feedback_matrices(self, device: torch.device) -> Optional[torch.Tensor]:
+    def feedback_matrices(self, device: torch.device) -> torch.Tensor | None:
         """Return the feedback matrices, `(n_matrices, d_error, d_model)` float32, cached on `device`."""
         if self.matrices is None:
             return None
@@ -239,7 +298,7 @@ class FeedbackHandle:
         self.logits_error = None
 
 
-def attach_feedback(model: nn.Module, config: Optional[DFAConfig] = None) -> FeedbackHandle:
+def attach_feedback(model: nn.Module, config: DFAConfig | None = None) -> FeedbackHandle:
     """Make `model` train by `config.rule` in an ordinary training loop; return a handle whose `remove()` undoes it.
 
     Args:
