@@ -8,6 +8,7 @@ checkpoint, checking them on resume, and stopping a run whose loss stops being f
 import os
 
 import torch
+from accelerate.utils import parse_flag_from_env
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
@@ -48,6 +49,30 @@ class DivergenceCallback(TrainerCallback):
             logger.error(f"Training loss became NaN or infinite by step {state.global_step}; stopping.")
 
 
+class UnsupportedParallelismError(ValueError):
+    """Raised when `DFATrainer` would train with DFA or the shallow rule under FSDP or DeepSpeed."""
+
+
+def check_parallelism(args, rule: str) -> None:
+    """Raise `UnsupportedParallelismError` if `rule` would run under the Trainer's FSDP or DeepSpeed integration.
+
+    Those integrations wrap or partition the model after the hooks are attached and are not tested with them.
+    DDP is tested: two processes end with the parameters of one process on whole batches. So is FSDP2's
+    `fully_shard` applied to the blocks in a plain PyTorch loop. docs/distributed.md lists the combinations.
+    """
+    if rule == "bp":
+        return
+    fsdp = bool(getattr(args, "fsdp", None)) or parse_flag_from_env("ACCELERATE_USE_FSDP")
+    deepspeed = bool(getattr(args, "deepspeed", None)) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+    if fsdp or deepspeed:
+        backend = "FSDP" if fsdp else "DeepSpeed"
+        raise UnsupportedParallelismError(
+            f"DFATrainer with rule={rule!r} under {backend} is not tested and is rejected. Tested: DDP through "
+            "accelerate launch or torchrun, and FSDP2 `fully_shard` in a plain loop with `attach_feedback`. Drop "
+            f"the {backend} settings, or train with rule='bp'."
+        )
+
+
 class DFATrainer(Trainer):
     """A `transformers.Trainer` that trains the model by backpropagation, DFA or the shallow rule.
 
@@ -65,6 +90,7 @@ class DFATrainer(Trainer):
         if model is None:
             raise ValueError("DFATrainer needs `model`; `model_init` is not supported because the hooks attach once.")
         self.dfa_config = dfa_config or DFAConfig()
+        check_parallelism(args, self.dfa_config.rule)
         self.feedback = attach_feedback(model, self.dfa_config) if self.dfa_config.rule != "bp" else None
         self.flop_counts = self._make_flop_counts(model)
         self.nonfinite_loss = torch.zeros((), dtype=torch.bool)
