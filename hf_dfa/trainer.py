@@ -6,6 +6,7 @@ checkpoint, checking them on resume, and stopping a run whose loss stops being f
 """
 
 import os
+import shutil
 
 import torch
 from accelerate.utils import parse_flag_from_env
@@ -17,6 +18,7 @@ from .blocks import UnsupportedModelError
 from .config import DFA_CONFIG_NAME, DFAConfig, DFAConfigError
 from .feedback import attach_feedback
 from .flops import FlopCounts
+from .model_card import MODEL_CARD_NAME, trainer_model_card, write_model_card
 
 logger = logging.get_logger(__name__)
 
@@ -139,6 +141,25 @@ class DFATrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             self.dfa_config.save_pretrained(output_dir)
+            write_model_card(trainer_model_card(self), output_dir)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None, dataset=None, **kwargs):
+        """Write the hf-dfa model card (`hf_dfa.model_card`) to `output_dir`, in place of `Trainer`'s draft.
+
+        `Trainer.push_to_hub` calls it before uploading `output_dir`. `tags` are added to the card's own tags, and
+        `license` goes into its metadata. The other arguments of `Trainer.create_model_card` are accepted and unused.
+        """
+        if self.is_world_process_zero():
+            write_model_card(trainer_model_card(self, tags=tags, license=license), self.args.output_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # `Trainer` copies only the weights and configs of the checkpoint into the uploaded `output_dir`
+        if self.is_world_process_zero():
+            for name in (DFA_CONFIG_NAME, MODEL_CARD_NAME):
+                source = os.path.join(checkpoint_folder, name)
+                if os.path.isfile(source):
+                    shutil.copy(source, os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         if resume_from_checkpoint is True:
