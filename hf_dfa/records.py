@@ -111,6 +111,9 @@ class RunRecorder(TrainerCallback):
         for key, value in logs.items():
             if key == "loss":
                 row["train_loss"] = value
+            elif key == "train_loss":
+                # the end-of-training summary's mean over the run, not the loss at this step
+                row["train_loss_mean"] = value
             elif key in ("total_flos", "step"):
                 continue
             else:
