@@ -17,6 +17,18 @@ Per token of a sequence of length T, with P the matrix weights of all blocks, L 
   matrix per block, 0 for identity feedback; `d_err` is d, or V when the error is taken at the logits.
 - `shallow`: `F_blocks + 3 F_head`: forward everything, then the head's two backward products (the weight
   gradient for the head, the input gradient for the final norm).
+
+These are model FLOPs: every product that the rule needs, once. For a GPT-2 training step whose attention runs
+the math path of `scaled_dot_product_attention` (CPU training with attention dropout), they equal the count of
+`torch.utils.flop_counter.FlopCounterMode` (torch 2.13) exactly, for every rule (`tests/test_flops.py`). The
+count differs on two other attention paths:
+
+- the fused CUDA kernels (flash, memory-efficient, cuDNN) recompute `Q K^T` in their backward, which
+  FlopCounterMode counts as one more `2 T d` per token and block under `bp` and `dfa`. That recomputation is
+  left out here, as model FLOPs utilisation leaves it out; for 85M at T = 1024 and V = 50257 it is 2.2% of a
+  `bp` step.
+- FlopCounterMode does not count the CPU flash kernel (`_scaled_dot_product_flash_attention_for_cpu`, taken
+  without attention dropout) at all, so there its count lacks the attention products.
 """
 
 from dataclasses import dataclass
