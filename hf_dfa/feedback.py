@@ -11,6 +11,7 @@ Everything happens in the one `loss.backward()` (or `accelerator.backward(loss)`
 DDP's all-reduce, gradient accumulation, fp16 loss scaling and clipping see ordinary gradients.
 """
 
+import contextlib
 import math
 
 import torch
@@ -145,6 +146,7 @@ class FeedbackHandle:
         self.untied = False
         self.matrices = None
         self.matrices_on_device = {}
+        self.active = True
 
         if config.rule == "dfa":
             self._attach_dfa()
@@ -176,7 +178,7 @@ class FeedbackHandle:
 
     def _make_pre_hook(self, index):
         def pre_hook(module, args, kwargs):
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or not self.active:
                 return None
             reentrant = uses_reentrant_checkpointing(module)
             if index == 0:
@@ -199,7 +201,7 @@ class FeedbackHandle:
 
     def _make_output_hook(self, index):
         def output_hook(module, args, out):
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() or not self.active:
                 return None
             hidden = hidden_states_of(out)
             self.block_outputs.append(hidden)
@@ -216,7 +218,7 @@ class FeedbackHandle:
         return output_hook
 
     def _capture_logits_hook(self, module, args, output):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or not self.active:
             return None
         return CaptureError.apply(self, output)
 
@@ -258,6 +260,18 @@ class FeedbackHandle:
         # (B, T, d_err) x (L, d_err, d_model) -> (L, B, T, d_model), one batched product for all blocks
         per_block = torch.einsum("btk,lkd->lbtd", error32, matrices).to(dtype)
         return list(per_block.unbind(0))
+
+    @contextlib.contextmanager
+    def suspended(self):
+        """Let the `dfa` hooks pass everything through inside this context, so the model trains by backpropagation.
+
+        The hooks stay registered and the feedback matrices stay in place. The `shallow` rule is not affected.
+        """
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
 
     # ---- shallow ----
 

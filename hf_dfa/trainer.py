@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .alignment import measure_alignment
 from .blocks import UnsupportedModelError
 from .config import DFA_CONFIG_NAME, DFAConfig, DFAConfigError
 from .feedback import attach_feedback
@@ -97,6 +98,13 @@ class DFATrainer(Trainer):
         self.flop_counts = self._make_flop_counts(model)
         self.nonfinite_loss = torch.zeros((), dtype=torch.bool)
         self.diverged_at_step = None
+        self.alignment_every = self.dfa_config.alignment_every if self.dfa_config.rule == "dfa" else 0
+        self.last_alignment_step = None
+        if self.dfa_config.alignment_every and not self.alignment_every:
+            logger.warning(
+                f"`alignment_every={self.dfa_config.alignment_every}` is ignored under rule={self.dfa_config.rule!r}: "
+                "alignment with backpropagation is measured for rule='dfa' only."
+            )
 
         super().__init__(model=model, args=args, **kwargs)
         self.add_callback(DivergenceCallback(self))
@@ -116,13 +124,36 @@ class DFATrainer(Trainer):
     # ---- training ----
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.alignment_every and self.state.global_step % self.alignment_every == 0:
+            self.log_alignment(inputs, num_items_in_batch)
         loss = super().training_step(model, inputs, num_items_in_batch)
         # accumulated on the loss's device, read only by DivergenceCallback
         self.nonfinite_loss = self.nonfinite_loss.to(loss.device) | ~torch.isfinite(loss)
         return loss
 
+    def log_alignment(self, inputs, num_items_in_batch=None) -> None:
+        """Measure and log the alignment of DFA with backpropagation (`hf_dfa.alignment`) on the step's first batch.
+
+        Runs on the unwrapped model and takes gradients with `torch.autograd.grad`, so DDP neither runs its
+        forward nor all-reduces the two extra backward passes. Parameters, their `.grad` and the random state are
+        left as they were.
+        """
+        if self.last_alignment_step == self.state.global_step:
+            return
+        self.last_alignment_step = self.state.global_step
+        inputs = self._prepare_inputs(inputs)
+        self.model.train()
+
+        def compute_loss():
+            # a copy, because compute_loss pops the labels when a label smoother is set
+            with self.compute_loss_context_manager():
+                return self.compute_loss(self.model, dict(inputs), num_items_in_batch=num_items_in_batch)
+
+        self.log(measure_alignment(self.feedback, compute_loss))
+
     def floating_point_ops(self, inputs) -> int:
         """Return the FLOPs of one forward and backward on `inputs` under the trainer's rule (see `hf_dfa.flops`)."""
+        # NOTE: the two extra forward and backward passes of `log_alignment` are not counted.
         input_ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
         if self.flop_counts is None or input_ids is None:
             return super().floating_point_ops(inputs)
