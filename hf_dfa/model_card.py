@@ -95,19 +95,19 @@ def card_tags(rule: str, extra_tags=None) -> list[str]:
     return tags
 
 
+def is_hub_id(name: str | None) -> bool:
+    """Return whether `name` reads as a Hugging Face Hub repository id rather than a local path."""
+    if not name or not HUB_ID.match(name):
+        return False
+    return not name.endswith(LOCAL_EXTENSIONS) and not os.path.exists(name)
+
+
 def hub_datasets(dataset: str | None) -> list[str]:
     """Return the entries of the comma-separated `dataset` that name Hugging Face Hub datasets, not local files."""
     if not dataset:
         return []
     names = [name.strip() for name in dataset.split(",")]
-    return [
-        name
-        for name in names
-        if name != EMBEDDED_DATASET
-        and HUB_ID.match(name)
-        and not name.endswith(LOCAL_EXTENSIONS)
-        and not os.path.exists(name)
-    ]
+    return [name for name in names if name != EMBEDDED_DATASET and is_hub_id(name)]
 
 
 def describe_dataset(dataset: str | None) -> str:
@@ -183,7 +183,8 @@ def build_model_card(
         tags=card_tags(rule, tags),
         datasets=hub_datasets(dataset) or None,
         license=license,
-        base_model=base_model,
+        # the Hub accepts repository ids only; a local path stays in the card's text
+        base_model=base_model if is_hub_id(base_model) else None,
     )
 
     counts = parameter_counts(model, dfa_config) if model is not None else {}

@@ -1,6 +1,7 @@
 """Train one point of the size grid with backpropagation, DFA or the shallow baseline.
 
     accelerate launch recipes/train.py --size 0.4M --rule dfa --max_steps 300 --seq_len 128
+    accelerate launch recipes/train.py --model_name_or_path PATH_OR_NAME --tokenizer PATH_OR_NAME --rule dfa
     python recipes/train.py --list_sizes
 
 Every `transformers.TrainingArguments` flag works (`--max_steps`, `--bf16`, `--report_to`, `--push_to_hub`,
@@ -17,13 +18,22 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GPT2LMHeadModel, HfArgumentParser, TrainerCallback, TrainingArguments, default_data_collator
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_dfa import DFAConfig, DFATrainer, TrainingDivergedError, get_size
-from hf_dfa.blocks import UnsupportedModelError
+from hf_dfa.blocks import UnsupportedModelError, find_blocks
 from hf_dfa.config import DFAConfigError
 from hf_dfa.data import DataArguments, DataError, build_datasets
+from hf_dfa.flops import FlopCounts
 from hf_dfa.grid import N_POSITIONS, SIZES, UnknownSizeError, format_size_table
 from hf_dfa.records import RunRecorder, update_run_record
 
@@ -37,6 +47,22 @@ class RunArguments:
         metadata={"help": f"Size of the grid to train; `--list_sizes` prints them. Default: {DEFAULT_SIZE}."},
     )
     list_sizes: bool = field(default=False, metadata={"help": "Print the size grid and exit."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hugging Face model name or local folder of a causal LM to train instead of a GPT-2 of the grid: "
+            "any architecture in `hf_dfa.MODEL_BLOCKS`, others with `--blocks`. Its weights are loaded unless "
+            "`--from_scratch` is set. Learning rate, batch size and warm-up still default to `--size`'s. "
+            "Default: none."
+        },
+    )
+    from_scratch: bool = field(
+        default=False,
+        metadata={
+            "help": "With `--model_name_or_path`, build the model from its config with random weights and a "
+            "vocabulary sized to `--tokenizer`, instead of loading its weights. Default: off."
+        },
+    )
     eval_schedule: str = field(
         default="steps",
         metadata={
@@ -56,6 +82,8 @@ class RunArguments:
 
     def __post_init__(self):
         get_size(self.size)
+        if self.from_scratch and not self.model_name_or_path:
+            raise ValueError("`--from_scratch` needs `--model_name_or_path`, got none.")
         if self.eval_schedule not in ("steps", "log"):
             raise ValueError(f"`eval_schedule` must be `steps` or `log`, got {self.eval_schedule!r}.")
         if self.eval_points < 2:
@@ -82,14 +110,16 @@ def set_size_defaults(parser: HfArgumentParser, argv: list[str]) -> None:
     pre.add_argument("--rule", default="dfa")
     pre.add_argument("--seed", type=int, default=42)
     pre.add_argument("--max_steps", type=int, default=-1)
+    pre.add_argument("--model_name_or_path", default=None)
     known, _ = pre.parse_known_args(argv)
     spec = get_size(known.size)
+    name = model_label(known.model_name_or_path) if known.model_name_or_path else spec.name
 
     # a step budget sets the evaluation, checkpoint and warm-up cadence; otherwise one pass over the data
     budget = known.max_steps if known.max_steps > 0 else None
     eval_steps = max(1, budget // 6) if budget else 200
     parser.set_defaults(
-        output_dir=os.path.join("runs", f"{spec.name}-{known.rule}-seed{known.seed}"),
+        output_dir=os.path.join("runs", f"{name}-{known.rule}-seed{known.seed}"),
         learning_rate=spec.learning_rate(known.rule),
         per_device_train_batch_size=spec.batch_size,
         per_device_eval_batch_size=spec.batch_size,
@@ -153,28 +183,95 @@ def evenly_spaced(dataset, max_blocks: int):
     return torch.utils.data.Subset(dataset, indices)
 
 
-def check_seq_len(data_args: DataArguments) -> None:
-    if data_args.seq_len > N_POSITIONS:
+def check_seq_len(data_args: DataArguments, run_args: RunArguments) -> None:
+    limit = N_POSITIONS
+    if run_args.model_name_or_path:
+        # None for models without a position limit in their config, such as BLOOM's ALiBi
+        limit = max_positions(load_config(run_args.model_name_or_path))
+    if limit is not None and data_args.seq_len > limit:
         raise ValueError(
-            f"`--seq_len {data_args.seq_len}` exceeds the model's {N_POSITIONS} positions; pass --seq_len "
-            f"{N_POSITIONS} or less."
+            f"`--seq_len {data_args.seq_len}` exceeds the model's {limit} positions; pass --seq_len {limit} or less."
         )
 
 
+def model_label(model_name_or_path: str) -> str:
+    """Return the last part of a model name or path, e.g. `tiny-llama` for `/tmp/models/tiny-llama/`."""
+    return os.path.basename(os.path.normpath(model_name_or_path))
+
+
+def load_config(model_name_or_path: str):
+    try:
+        return AutoConfig.from_pretrained(model_name_or_path)
+    except OSError as error:
+        raise ValueError(
+            f"Could not load the config of `--model_name_or_path {model_name_or_path}`: {error}. Pass a local model "
+            "folder, or a Hub name that is cached or reachable."
+        ) from error
+
+
+def max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_model(run_args: RunArguments, tokenizer):
+    """Build the `--model_name_or_path` model: its weights, or its config with random weights (`--from_scratch`)."""
+    path = run_args.model_name_or_path
+    if run_args.from_scratch:
+        config = load_config(path)
+        config.vocab_size = len(tokenizer)
+        config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        return AutoModelForCausalLM.from_config(config)
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    n_embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embeddings:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} tokens but {path} embeds {n_embeddings}; pass the model's own "
+            f"tokenizer (--tokenizer {path}) or add --from_scratch."
+        )
+    return model
+
+
 def build_model(run_args: RunArguments, tokenizer):
+    if run_args.model_name_or_path:
+        return load_model(run_args, tokenizer)
     config = get_size(run_args.size).gpt2_config(vocab_size=len(tokenizer))
     config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     return GPT2LMHeadModel(config)
 
 
-def run_info(run_args, dfa_config, data_args, training_args, model, tokens_per_step) -> dict:
-    spec = get_size(run_args.size)
+def model_size_info(run_args, dfa_config, model) -> dict:
+    """Return the size fields of the run record: the grid point's, or those counted on a `--model_name_or_path` model."""
+    if not run_args.model_name_or_path:
+        spec = get_size(run_args.size)
+        return {
+            "size": spec.name,
+            "n_params_non_embedding": spec.n_params_non_embedding,
+            "n_layer": spec.n_layer,
+            "d_model": spec.d_model,
+        }
+    blocks, _ = find_blocks(model, dfa_config.blocks, dfa_config.final_norm)
     return {
-        "size": spec.name,
-        "n_params_non_embedding": spec.n_params_non_embedding,
+        "size": model_label(run_args.model_name_or_path),
+        # the weight matrices of the blocks, as the grid's 12 n_layer d_model**2 counts them
+        "n_params_non_embedding": FlopCounts.from_model(model, blocks).block_params,
+        "n_layer": len(blocks),
+        "d_model": model.config.hidden_size,
+        "model_name_or_path": run_args.model_name_or_path,
+        "from_scratch": run_args.from_scratch,
+        "base_model": None if run_args.from_scratch else run_args.model_name_or_path,
+    }
+
+
+def run_info(run_args, dfa_config, data_args, training_args, model, tokens_per_step) -> dict:
+    return {
+        **model_size_info(run_args, dfa_config, model),
         "n_params": sum(p.numel() for p in model.parameters()),
-        "n_layer": spec.n_layer,
-        "d_model": spec.d_model,
         "vocab_size": model.config.vocab_size,
         "rule": dfa_config.rule,
         "seed": training_args.seed,
@@ -203,7 +300,7 @@ def train(argv: list[str]) -> int:
     run_args, dfa_config, data_args, training_args = parse(argv)
     show_library_logs(training_args)
     resume = check_output_dir(training_args)
-    check_seq_len(data_args)
+    check_seq_len(data_args, run_args)
     train_dataset, eval_dataset, tokenizer = build_datasets(data_args)
     model = build_model(run_args, tokenizer)
 

@@ -1,6 +1,13 @@
 """DFA on a tiny random model of every architecture in `MODEL_BLOCKS`, against gradients computed by hand."""
 
 import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from hf_dfa import MODEL_BLOCKS, DFAConfig, DFATrainer, UnsupportedModelError, attach_feedback
+from hf_dfa.data import load_tokenizer
 from hf_dfa.feedback import hidden_states_of
 
 VOCAB = 96
@@ -401,3 +409,98 @@ def test_trainer_gradient_checkpointing_same_steps(tmp_path):
 
     for (name, p), q in zip(models[False].named_parameters(), models[True].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# ---- recipes/train.py on a saved model ----
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "train.py"
+CORPUS_SENTENCES = [
+    "The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place beneath.",
+    "In the beginning God created the heaven and the earth, and the earth was without form.",
+    "All the world's a stage, and all the men and women merely players.",
+]
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    """Return a folder with a tiny random Llama and its byte-level BPE tokenizer, and a small text corpus."""
+    folder = tmp_path_factory.mktemp("recipe")
+    corpus = folder / "corpus.txt"
+    corpus.write_text(" ".join(CORPUS_SENTENCES[i % 3] for i in range(150)))
+    tokenizer = load_tokenizer("bpe:300", train_texts=[corpus.read_text()], cache_dir=str(folder / "cache"))
+
+    config = transformers.LlamaConfig(
+        **dict(LLAMA_LIKE, vocab_size=len(tokenizer), max_position_embeddings=32, pad_token_id=None),
+    )
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(0)
+    model_dir = folder / "tiny-llama"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DFA_CACHE=str(folder / "cache"))
+    return SimpleNamespace(model_dir=model_dir, corpus=corpus, env=env)
+
+
+def run_recipe(saved, output_dir, *extra):
+    command = [
+        sys.executable,
+        str(RECIPE),
+        "--model_name_or_path",
+        str(saved.model_dir),
+        "--dataset",
+        str(saved.corpus),
+    ]
+    command += ["--max_steps", "3", "--seq_len", "16", "--per_device_train_batch_size", "2", "--max_eval_blocks", "4"]
+    command += ["--disable_tqdm", "true", "--output_dir", str(output_dir), *extra]
+    return subprocess.run(command, env=saved.env, capture_output=True, text=True, timeout=600)
+
+
+def relative_distance(model, reference) -> float:
+    """Return the largest `||a - b|| / ||b||` over the weight matrices of two models of one architecture."""
+    distances = [
+        ((a - b).norm() / b.norm()).item()
+        for a, b in zip(model.parameters(), reference.parameters())
+        if a.dim() >= 2 and a.shape == b.shape
+    ]
+    return max(distances)
+
+
+def test_recipe_trains_saved_llama(saved_llama, tmp_path):
+    result = run_recipe(saved_llama, tmp_path / "out", "--tokenizer", str(saved_llama.model_dir), "--rule", "dfa")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    saved = AutoModelForCausalLM.from_pretrained(saved_llama.model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert record["status"] == "completed"
+    assert record["size"] == "tiny-llama"
+    assert record["n_params_non_embedding"] == sum(p.numel() for p in saved.model.layers.parameters() if p.dim() >= 2)
+    assert record["n_layer"] == 2
+    assert record["from_scratch"] is False
+    assert record["base_model"] == str(saved_llama.model_dir)
+    assert type(trained).__name__ == "LlamaForCausalLM"
+    # three small steps from the loaded weights; a fresh initialisation would be about sqrt(2) away
+    assert 0 < relative_distance(trained, saved) < 0.5
+    assert "starting from the weights of" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_recipe_builds_model_from_scratch(saved_llama, tmp_path):
+    result = run_recipe(saved_llama, tmp_path / "out", "--from_scratch", "--tokenizer", "bpe:260", "--rule", "bp")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert record["from_scratch"] is True
+    assert record["base_model"] is None
+    assert trained.config.model_type == "llama"
+    assert trained.config.vocab_size == 260
+    assert trained.config.num_hidden_layers == 2
+
+
+def test_recipe_rejects_seq_len_over_positions(saved_llama, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("train_recipe", RECIPE)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    argv = ["--model_name_or_path", str(saved_llama.model_dir), "--seq_len", "64", "--output_dir", str(tmp_path)]
+    assert recipe.main(argv) == 1
+    assert "`--seq_len 64` exceeds the model's 32 positions; pass --seq_len 32 or less." in capsys.readouterr().err

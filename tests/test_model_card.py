@@ -245,3 +245,12 @@ def test_push_to_hub_uploads_card_config_tokenizer(tmp_path, monkeypatch):
     assert final.data.tags == ["hf-dfa", "dfa", "direct-feedback-alignment", "experiment"]
     assert 'AutoModelForCausalLM.from_pretrained("someone/tiny-dfa")' in final.text
     assert "| Optimiser steps | 4 |" in final.text
+
+
+def test_base_model_metadata_only_for_hub_ids(tmp_path):
+    local = build_model_card(DFAConfig(), base_model=str(tmp_path))
+    assert local.data.base_model is None
+    assert f"starting from the weights of `{tmp_path}`" in local.text
+
+    hub = build_model_card(DFAConfig(), base_model="HuggingFaceTB/SmolLM2-135M")
+    assert hub.data.base_model == "HuggingFaceTB/SmolLM2-135M"
