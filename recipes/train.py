@@ -14,6 +14,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -335,7 +336,8 @@ def train(argv: list[str]) -> int:
             update_run_record(training_args.output_dir, status="interrupted", step=trainer.state.global_step)
             last = get_last_checkpoint(training_args.output_dir)
             print(
-                f"interrupted at step {trainer.state.global_step}; resume from {last} with --resume_from_checkpoint true"
+                f"interrupted at step {trainer.state.global_step}; resume from {last} with --resume_from_checkpoint true",
+                file=sys.stderr,
             )
         return 130
 
@@ -395,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
         FileNotFoundError,
     )
+    # a scheduler's SIGTERM ends the run like Ctrl-C: marked `interrupted`, resumable from its last checkpoint
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return train(argv)
     except expected as err:

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +155,33 @@ def test_recipe_bad_input_one_line(tmp_path, env, small_corpus, extra, fragments
     args = TOY + ["--dataset", str(small_corpus), "--tokenizer", "bpe:300", "--output_dir", str(tmp_path / "o")]
     result = run(args + extra, env)
     assert_one_line_error(result, *fragments)
+
+
+def test_recipe_marks_interrupted_run(tmp_path, env, small_corpus):
+    out = tmp_path / "interrupted"
+    args = TOY + ["--dataset", str(small_corpus), "--tokenizer", "bpe:300", "--output_dir", str(out)]
+    args += ["--max_steps", "100000", "--save_steps", "2", "--logging_steps", "1"]
+    process = subprocess.Popen(
+        [sys.executable, str(RECIPE), *args], env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while not list(out.glob("checkpoint-*")) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    assert "--resume_from_checkpoint true" in stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert list(out.glob("checkpoint-*"))
+
+
+def test_recipe_short_corpus_one_line(tmp_path, env):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short for one block.")
+    result = run(TOY + ["--dataset", str(short), "--tokenizer", "bpe:300", "--output_dir", str(tmp_path / "o")], env)
+    assert_one_line_error(result, str(short))
 
 
 def test_recipe_empty_corpus_one_line(tmp_path, env):
