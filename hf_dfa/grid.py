@@ -53,8 +53,8 @@ class SizeSpec:
 
         For `bp` and `shallow` it is the fit of Kaplan et al. 2020 (their eq. D.1),
         `0.003239 - 0.0001395 * ln(N)` with N the non-embedding parameter count: 1.4e-3 at 0.4M, 6.9e-4 at 85M.
-        For `dfa` it is half of that, because DFA updates are noisier estimates of the descent direction and
-        diverged more often at the BP rate in small runs on the default corpus.
+        For `dfa` it is half of that. On the bundled corpus at 0.4M (300 steps, 128-token blocks, GPT-2
+        tokenizer), DFA at the BP rate had a loss spike to 9.0 midway and ended at 6.64, against 6.51 at half.
         """
         base = 0.003239 - 0.0001395 * math.log(self.n_params_non_embedding)
         return base / 2 if rule == "dfa" else base
