@@ -5,7 +5,7 @@ from .config import DFAConfig, DFAConfigError
 from .feedback import FeedbackHandle, attach_feedback
 from .flops import FlopCounts, paper_flops
 from .grid import SIZES, UnknownSizeError, get_size, size_grid
-from .trainer import DFATrainer, TrainingDivergedError
+from .trainer import DFATrainer, TrainingDivergedError, UnsupportedParallelismError
 
 __version__ = "0.1.0"
 
@@ -20,6 +20,7 @@ __all__ = [
     "TrainingDivergedError",
     "UnknownSizeError",
     "UnsupportedModelError",
+    "UnsupportedParallelismError",
     "attach_feedback",
     "find_blocks",
     "get_size",
