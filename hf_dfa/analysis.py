@@ -30,6 +30,9 @@ EXPECTED_ORDER = KNOWN_RULES
 COMPUTE_LABELS = {"counted": "training FLOPs (counted)", "paper": "FLOPs (6·N·D)"}
 N_BREAKEVEN_BUDGETS = 9
 N_ORDERING_BUDGETS = 3
+# Eval points before this fraction of a run's final token count are left out of the fits: the loss there is still
+# near its initial value or falling through the warm-up transient, which no power law of compute describes.
+DEFAULT_FIT_FROM = 0.1
 
 
 @dataclass
@@ -39,6 +42,7 @@ class SweepAnalysis:
     sweep: Sweep
     compute_mode: str
     max_saving: float
+    fit_from: float = DEFAULT_FIT_FROM
     frontiers: dict[str, Frontier] = field(default_factory=dict)
     laws: dict[str, dict[str, PowerLawFit]] = field(default_factory=dict)  # rule -> form -> fit
     parametric: dict[str, ParametricFit] = field(default_factory=dict)
@@ -59,6 +63,18 @@ class SweepAnalysis:
         """Return `(compute, eval_loss)` of every run of `rule`, in the analysis' compute mode."""
         return [(run.compute(self.compute_mode), run.eval_loss) for run in self.sweep.runs_of(rule)]
 
+    def fitted_points(self, run: Run) -> np.ndarray:
+        """Return the mask of `run`'s eval points that the fits use: those at `fit_from` of its tokens or later."""
+        return run.tokens >= self.fit_from * run.tokens[-1]
+
+    def fit_curves(self, runs: list[Run]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Return `(compute, eval_loss)` of each of `runs`, restricted to the points the fits use."""
+        curves = []
+        for run in runs:
+            keep = self.fitted_points(run)
+            curves.append((run.compute(self.compute_mode)[keep], run.eval_loss[keep]))
+        return curves
+
     def has_alignment(self) -> bool:
         return any(run.block_alignment("update_cos") or run.block_alignment("feedback_cos") for run in self.sweep.runs)
 
@@ -70,6 +86,7 @@ class SweepAnalysis:
                 "compute": self.compute_mode,
                 "compute_label": self.compute_label,
                 "max_saving": self.max_saving,
+                "fit_from": self.fit_from,
                 "conclusion": self.conclusion,
                 "frontier_laws": {
                     rule: {f: fit.to_dict() for f, fit in forms.items()} for rule, forms in self.laws.items()
@@ -141,15 +158,16 @@ def select_best_runs(runs: list[Run]) -> list[Run]:
     return sorted((run for _, group in best.values() for run in group), key=lambda run: (run.n_params, run.path))
 
 
-def _parametric_points(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    N = np.concatenate([np.full(len(run.tokens), run.n_params) for run in runs])
-    D = np.concatenate([run.tokens for run in runs])
-    loss = np.concatenate([run.eval_loss for run in runs])
+def _parametric_points(analysis: SweepAnalysis, runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    keeps = [analysis.fitted_points(run) for run in runs]
+    N = np.concatenate([np.full(int(keep.sum()), run.n_params) for run, keep in zip(runs, keeps)])
+    D = np.concatenate([run.tokens[keep] for run, keep in zip(runs, keeps)])
+    loss = np.concatenate([run.eval_loss[keep] for run, keep in zip(runs, keeps)])
     return N, D, loss
 
 
 def _fit_rule(analysis: SweepAnalysis, rule: str, n_bootstrap: int, seed: int) -> None:
-    curves = analysis.curves(rule)
+    curves = analysis.fit_curves(analysis.sweep.runs_of(rule))
     analysis.frontiers[rule] = compute_frontier(curves)
     analysis.laws[rule] = {}
     for form in ("power", "saturating"):
@@ -161,7 +179,7 @@ def _fit_rule(analysis: SweepAnalysis, rule: str, n_bootstrap: int, seed: int) -
     runs = select_best_runs(analysis.sweep.runs_of(rule))
     analysis.parametric_runs[rule] = runs
     try:
-        fit = fit_parametric(*_parametric_points(runs))
+        fit = fit_parametric(*_parametric_points(analysis, runs))
     except FitError as err:
         _note(analysis, f"{rule}: parametric law skipped, because {err}")
         return
@@ -187,7 +205,7 @@ def _check_extrapolation(analysis: SweepAnalysis, rule: str) -> None:
         _note(analysis, f"{rule}: extrapolation check skipped, because it needs at least 3 sizes.")
         return
     try:
-        fit = fit_parametric(*_parametric_points(smaller_runs))
+        fit = fit_parametric(*_parametric_points(analysis, smaller_runs))
     except FitError as err:
         _note(analysis, f"{rule}: extrapolation check skipped, because {err}")
         return
@@ -228,8 +246,7 @@ def _check_ordering(analysis: SweepAnalysis) -> None:
         if len(rules) < 2:
             continue
         frontiers = {
-            rule: compute_frontier([(r.compute(analysis.compute_mode), r.eval_loss) for r in runs if r.rule == rule])
-            for rule in rules
+            rule: compute_frontier(analysis.fit_curves([r for r in runs if r.rule == rule])) for rule in rules
         }
         if any(len(fr.compute) == 0 for fr in frontiers.values()):
             continue
@@ -309,7 +326,7 @@ def conclusion_sentence(analysis: SweepAnalysis) -> str:
     unit = analysis.compute_label
     plausible = f"the plausible saving of {be.max_saving:g}x"
     finite = np.isfinite(be.saving)
-    # s(C) is infinite where BP's loss is below DFA's irreducible loss, which happens only at the high budgets
+    # k(C) is infinite where BP's loss is below DFA's irreducible loss, which happens only at the high budgets
     unreachable = ""
     if not finite.all():
         e_dfa = analysis.laws["dfa"][analysis.breakeven_form].E
@@ -355,7 +372,12 @@ def conclusion_sentence(analysis: SweepAnalysis) -> str:
 
 
 def analyse_sweep(
-    sweep: Sweep, compute: str = "counted", max_saving: float = 1.5, n_bootstrap: int = 200, seed: int = 0
+    sweep: Sweep,
+    compute: str = "counted",
+    max_saving: float = 1.5,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    fit_from: float = DEFAULT_FIT_FROM,
 ) -> SweepAnalysis:
     """Fit the scaling laws of every rule in `sweep` and compare DFA with BP.
 
@@ -366,6 +388,8 @@ def analyse_sweep(
         max_saving (`float`, defaults to 1.5): the largest saving factor of DFA's compute considered plausible.
         n_bootstrap (`int`, defaults to 200): resamples of the runs for the frontier laws' intervals.
         seed (`int`, defaults to 0): seed of the bootstrap.
+        fit_from (`float`, defaults to 0.1): eval points before this fraction of each run's final token count are
+            left out of every fit and of the ordering; 0 keeps all.
     """
     if compute not in COMPUTE_LABELS:
         raise ValueError(f"`compute` must be one of {', '.join(COMPUTE_LABELS)}, got {compute!r}.")
@@ -373,8 +397,10 @@ def analyse_sweep(
         raise ValueError(f"`max_saving` must be positive, got {max_saving}.")
     if n_bootstrap < 0:
         raise ValueError(f"`n_bootstrap` must be 0 or positive, got {n_bootstrap}.")
+    if not 0 <= fit_from < 1:
+        raise ValueError(f"`fit_from` must be at least 0 and below 1, got {fit_from}.")
 
-    analysis = SweepAnalysis(sweep, compute, max_saving)
+    analysis = SweepAnalysis(sweep, compute, max_saving, fit_from)
     if compute == "counted":
         missing = [run.name for run in sweep.runs if np.isnan(run.flops).any()]
         if missing:

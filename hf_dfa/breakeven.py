@@ -1,6 +1,6 @@
 """Break-even of DFA against BP: the compute saving DFA needs to match BP's loss, from two frontier laws.
 
-For a budget C, s(C) = C_dfa(L_bp(C)) / C is the factor by which DFA's compute would have to shrink to reach the
+For a budget C, k(C) = C_dfa(L_bp(C)) / C is the factor by which DFA's compute would have to shrink to reach the
 loss that BP's frontier law gives at C. `break_even` evaluates it over a grid of budgets and classifies the result.
 """
 
@@ -15,13 +15,13 @@ OUTCOMES = ("DFA better everywhere", "DFA better at scale", "BP better at scale"
 
 
 def required_saving(bp: PowerLawFit, dfa: PowerLawFit, compute):
-    """Return s(C) = C_dfa(L_bp(C)) / C, the factor by which DFA's compute must shrink to match BP at budget C.
+    """Return k(C) = C_dfa(L_bp(C)) / C, the factor by which DFA's compute must shrink to match BP at budget C.
 
-    s(C) < 1 means DFA already reaches BP's loss with less compute, and k(C) = 1 / s(C) is DFA's advantage. s(C)
+    k(C) < 1 means DFA already reaches BP's loss with less compute. k(C)
     is infinite where BP's loss is below DFA's irreducible term E. For two pure power laws
     L_bp = (Cb / C)^ab and L_dfa = (Cd / C)^ad, C_dfa(L) = Cd * L^(-1/ad), so
 
-        s(C) = Cd * (Cb / C)^(-ab / ad) / C = (Cd / Cb^(ab / ad)) * C^(ab / ad - 1),
+        k(C) = Cd * (Cb / C)^(-ab / ad) / C = (Cd / Cb^(ab / ad)) * C^(ab / ad - 1),
 
     which falls with C when DFA's exponent is larger (ad > ab) and rises when it is smaller.
     """
@@ -32,11 +32,11 @@ def required_saving(bp: PowerLawFit, dfa: PowerLawFit, compute):
 def classify_breakeven(saving, max_saving: float = 1.5) -> str:
     """Classify a break-even curve into one of `OUTCOMES`.
 
-    DFA is better at a budget when its required saving s(C) is at most `max_saving`. The outcome compares the
+    DFA is better at a budget when its required saving k(C) is at most `max_saving`. The outcome compares the
     lowest and the highest budget: better at both ends is "everywhere", better only at the highest is "at scale".
 
     Args:
-        saving (`array-like`): s(C) at increasing budgets C.
+        saving (`array-like`): k(C) at increasing budgets C.
         max_saving (`float`, defaults to 1.5): the largest saving factor of DFA's compute considered plausible.
     """
     saving = np.asarray(saving, dtype=float)
@@ -54,9 +54,9 @@ def classify_breakeven(saving, max_saving: float = 1.5) -> str:
 
 @dataclass
 class BreakEven:
-    """Required saving s(C) of DFA over a grid of budgets, and its classification.
+    """Required saving k(C) of DFA over a grid of budgets, and its classification.
 
-    `crossing` is the budget where s(C) equals `max_saving`, searched up to `horizon` times the largest budget,
+    `crossing` is the budget where k(C) equals `max_saving`, searched up to `horizon` times the largest budget,
     and `crossing_extrapolated` is True when it lies above the largest budget. `trend` is the sign of
     d log s / d log C at the largest budget: -1 when DFA gains with compute, +1 when it loses, 0 when flat.
     """
@@ -88,7 +88,7 @@ class BreakEven:
 
 
 def _find_crossing(bp: PowerLawFit, dfa: PowerLawFit, max_saving: float, low: float, high: float):
-    """Return the first budget in [low, high] where s(C) crosses `max_saving`, or None."""
+    """Return the first budget in [low, high] where k(C) crosses `max_saving`, or None."""
     log_c = np.linspace(np.log(low), np.log(high), 2001)
     gap = np.log(required_saving(bp, dfa, np.exp(log_c))) - np.log(max_saving)  # +inf where unreachable
     sign = np.sign(gap)
@@ -106,7 +106,7 @@ def _find_crossing(bp: PowerLawFit, dfa: PowerLawFit, max_saving: float, low: fl
 
 
 def break_even(bp: PowerLawFit, dfa: PowerLawFit, budgets, max_saving: float = 1.5, horizon: float = 1e3) -> BreakEven:
-    """Evaluate the required saving s(C) at `budgets` and classify it with `classify_breakeven`.
+    """Evaluate the required saving k(C) at `budgets` and classify it with `classify_breakeven`.
 
     Args:
         bp (`PowerLawFit`): BP's frontier law.
@@ -114,7 +114,7 @@ def break_even(bp: PowerLawFit, dfa: PowerLawFit, budgets, max_saving: float = 1
         budgets (`array-like`): increasing compute budgets in FLOPs, normally inside both frontiers' ranges.
         max_saving (`float`, defaults to 1.5): the largest saving factor of DFA's compute considered plausible.
         horizon (`float`, defaults to 1e3): how far above the largest budget, as a factor, to search for the
-            budget where s(C) reaches `max_saving`.
+            budget where k(C) reaches `max_saving`.
     """
     if not max_saving > 0:
         raise ValueError(f"`max_saving` must be positive, got {max_saving}.")

@@ -91,6 +91,10 @@ def plot_loss_vs_params(analysis: SweepAnalysis) -> Figure:
         label = f"{rule}: {fit.E:.3g} + {fit.A:.3g}/N^{fit.alpha:.3g} + {fit.B:.3g}/D^{fit.beta:.3g}"
         ax.plot(grid, fit.predict(grid, _final_tokens_at(selected, grid)), color=color, linewidth=2.2, label=label)
 
+    finals = [run.final_point()[1] for run in analysis.sweep.runs]
+    if finals:
+        # the fitted curves can shoot far past the data where a law is poorly constrained; keep the data in view
+        ax.set_ylim(min(finals) / 1.25, max(finals) * 1.25)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("non-embedding parameters N")
@@ -101,13 +105,13 @@ def plot_loss_vs_params(analysis: SweepAnalysis) -> Figure:
 
 
 def plot_breakeven(analysis: SweepAnalysis) -> Figure | None:
-    """Draw DFA's required saving s(C) against C, with the plausible saving as a horizontal line."""
+    """Draw DFA's required saving k(C) against C, with the plausible saving as a horizontal line."""
     be = analysis.breakeven
     if be is None:
         return None
     figure, (ax,) = _new_figure()
     saving = np.where(np.isfinite(be.saving), be.saving, np.nan)
-    ax.plot(be.compute, saving, "o-", color=RULE_COLORS["dfa"], linewidth=2, label="required saving s(C)")
+    ax.plot(be.compute, saving, "o-", color=RULE_COLORS["dfa"], linewidth=2, label="required saving k(C)")
     if be.crossing is not None and be.crossing_extrapolated:
         bp, dfa = analysis.laws["bp"][analysis.breakeven_form], analysis.laws["dfa"][analysis.breakeven_form]
         extension = np.geomspace(be.compute[-1], be.crossing * 3, 100)
@@ -119,13 +123,24 @@ def plot_breakeven(analysis: SweepAnalysis) -> Figure | None:
             color=RULE_COLORS["dfa"],
             label="extrapolated",
         )
+    if not np.isfinite(saving).any():
+        ax.text(
+            0.5,
+            0.75,
+            "k(C) is infinite at every budget:\nBP's loss is below DFA's fitted irreducible loss",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+        )
+        ax.set_xlim(be.compute[0] / 1.5, be.compute[-1] * 1.5)
+        ax.set_ylim(0.5, max(10.0, 4 * be.max_saving))
     ax.axhline(be.max_saving, color="black", linestyle="-", linewidth=1, label=f"plausible saving {be.max_saving:g}x")
-    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="s = 1 (equal compute)")
+    ax.axhline(1.0, color="grey", linestyle=":", linewidth=1, label="k = 1 (equal compute)")
 
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(analysis.compute_label)
-    ax.set_ylabel("s(C) = C_dfa(L_bp(C)) / C")
+    ax.set_ylabel("k(C) = C_dfa(L_bp(C)) / C")
     ax.set_title(f"Break-even of DFA against BP: {be.outcome}")
     ax.legend(fontsize="small")
     return figure

@@ -52,7 +52,13 @@ def _frontier_section(analysis: SweepAnalysis, n_bootstrap: int) -> list[str]:
         "The frontier of a rule is the lowest eval loss reached with at most a given compute by any of its runs. "
         "Two laws are fitted to it in log space: `power` is L(C) = (C_c / C)^alpha and `saturating` is "
         f"L(C) = E + (C_c / C)^alpha. Brackets give 95% bootstrap intervals over {n_bootstrap} resamples of the "
-        "runs.",
+        "runs. "
+        + (
+            f"Every fit and the ordering use the eval points from {analysis.fit_from:g} of each run's final token "
+            "count on (`--fit_from`); the earlier ones, near the initial loss or in the warm-up, are only drawn."
+            if analysis.fit_from > 0
+            else "Every fit and the ordering use all eval points (`--fit_from 0`)."
+        ),
         "",
     ]
     rows = []
@@ -136,22 +142,22 @@ def _breakeven_section(analysis: SweepAnalysis) -> list[str]:
         return lines + [m for m in analysis.messages if m.startswith("break-even")] + [""]
     lines += [
         f"Laws used: `{analysis.breakeven_form}` frontier laws of bp and dfa. At each budget C in the range both "
-        "frontiers cover, s(C) = C_dfa(L_bp(C)) / C is the factor by which DFA's compute would have to shrink to "
-        "reach BP's loss L_bp(C), and k(C) = 1 / s(C). DFA counts as better at C when s(C) is at most the "
-        f"plausible saving of {be.max_saving:g}x. s(C) is ∞ where L_bp(C) is below DFA's fitted irreducible loss.",
+        "frontiers cover, k(C) = C_dfa(L_bp(C)) / C is the factor by which DFA's compute would have to shrink to "
+        "reach BP's loss L_bp(C). DFA counts as better at C when k(C) is at most the "
+        f"plausible saving of {be.max_saving:g}x. k(C) is ∞ where L_bp(C) is below DFA's fitted irreducible loss.",
         "",
     ]
     if analysis.compute_mode == "counted":
         lines += [
-            "With counted FLOPs, DFA's compute already includes the saving of its implementation, so s(C) ≤ 1 "
+            "With counted FLOPs, DFA's compute already includes the saving of its implementation, so k(C) ≤ 1 "
             "means DFA wins as measured.",
             "",
         ]
     rows = [
-        [_g(c), _g(loss), _g(dfa_c), _g(s), _g(1 / s if s > 0 else np.inf), "yes" if s <= be.max_saving else "no"]
+        [_g(c), _g(loss), _g(dfa_c), _g(s), "yes" if s <= be.max_saving else "no"]
         for c, loss, dfa_c, s in zip(be.compute, be.bp_loss, be.dfa_compute, be.saving)
     ]
-    lines += _table(["C (FLOPs)", "L_bp(C)", "C_dfa(L_bp(C))", "s(C)", "k(C)", "DFA better"], rows)
+    lines += _table(["C (FLOPs)", "L_bp(C)", "C_dfa(L_bp(C))", "k(C)", "DFA better"], rows)
     lines += [f"Outcome: **{be.outcome}**.", ""]
     return lines
 

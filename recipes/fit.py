@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from hf_dfa.analysis import analyse_sweep
+from hf_dfa.analysis import DEFAULT_FIT_FROM, analyse_sweep
 from hf_dfa.plots import write_figures
 from hf_dfa.report import write_fits_json, write_report
 from hf_dfa.sweep_reader import COMPUTE_MODES, SweepError, load_sweep
@@ -47,8 +47,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="`counted`: training FLOPs logged by each run for the rule that was run. `paper`: 6 * N * D for every "
         "rule, with N the non-embedding parameters and D the training tokens. Default: counted.",
     )
+    parser.add_argument(
+        "--fit_from",
+        type=float,
+        default=DEFAULT_FIT_FROM,
+        help="Leave out of the fits the eval points before this fraction of each run's final token count, where "
+        "the loss is still near its initial value or in the warm-up transient; 0 keeps every point. The figures "
+        f"still draw them. Default: {DEFAULT_FIT_FROM}.",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap. Default: 0.")
     args = parser.parse_args(argv)
+    if not 0 <= args.fit_from < 1:
+        parser.error(f"--fit_from must be at least 0 and below 1, got {args.fit_from}.")
     if not args.max_saving > 0:
         parser.error(f"--max_saving must be positive, got {args.max_saving}.")
     if args.bootstrap < 0:
@@ -67,7 +77,12 @@ def main(argv=None) -> int:
         return 1
 
     analysis = analyse_sweep(
-        sweep, compute=args.compute, max_saving=args.max_saving, n_bootstrap=args.bootstrap, seed=args.seed
+        sweep,
+        compute=args.compute,
+        max_saving=args.max_saving,
+        n_bootstrap=args.bootstrap,
+        seed=args.seed,
+        fit_from=args.fit_from,
     )
     figures = write_figures(analysis, args.out)
     report = write_report(analysis, args.out, [path for path in figures if path.endswith(".png")], args.bootstrap)

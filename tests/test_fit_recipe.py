@@ -132,7 +132,8 @@ def fitted_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     out = tmp_path_factory.mktemp("report")
     write_synthetic_sweep(str(root))
-    result = run_recipe(str(root), "--out", str(out), "--bootstrap", "50")
+    # the synthetic losses follow their laws from the first eval point on, with no warm-up transient to leave out
+    result = run_recipe(str(root), "--out", str(out), "--bootstrap", "50", "--fit_from", "0")
     return root, out, result
 
 
@@ -217,3 +218,7 @@ def test_fit_recipe_rejects_bad_options(tmp_path, capsys):
         load_recipe().main([str(tmp_path), "--out", str(tmp_path / "out"), "--max_saving", "0"])
     assert exit_info.value.code == 2
     assert "--max_saving must be positive, got 0.0." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        load_recipe().main([str(tmp_path), "--out", str(tmp_path / "out"), "--fit_from", "1"])
+    assert exit_info.value.code == 2
+    assert "--fit_from must be at least 0 and below 1, got 1.0." in capsys.readouterr().err

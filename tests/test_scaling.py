@@ -188,7 +188,7 @@ def test_required_saving_matches_closed_form():
 def test_break_even_crossing_matches_closed_form():
     bp = PowerLawFit("power", C_c=1e15, alpha=0.08)
     dfa = PowerLawFit("power", C_c=5e16, alpha=0.1)
-    # s(C) = K C^(p - 1) with p = ab / ad, so s(C*) = 1.5 at C* = (1.5 / K)^(1 / (p - 1))
+    # k(C) = K C^(p - 1) with p = ab / ad, so k(C*) = 1.5 at C* = (1.5 / K)^(1 / (p - 1))
     p = 0.08 / 0.1
     crossing = (1.5 / (5e16 * 1e15 ** (-p))) ** (1 / (p - 1))
     result = breakeven.break_even(bp, dfa, np.geomspace(crossing / 100, crossing * 100, 9), max_saving=1.5)
@@ -339,7 +339,7 @@ def test_rule_with_one_size(tmp_path):
         write_run(tmp_path, f"bp-{n_params:g}", {"size": f"{n_params:g}", "n_params_non_embedding": n_params}, evals)
     write_run(tmp_path, "dfa", {"rule": "dfa"}, decreasing_evals(start=7.0, tokens=3e6))
 
-    analysis = analyse_sweep(load_sweep(str(tmp_path)), n_bootstrap=10)
+    analysis = analyse_sweep(load_sweep(str(tmp_path)), n_bootstrap=10, fit_from=0)
     assert set(analysis.laws["dfa"]) == {"power", "saturating"}
     assert "bp" in analysis.parametric
     assert "dfa" not in analysis.parametric
@@ -399,3 +399,27 @@ def test_conclusion_sentence_from_numbers(dfa_c_c, dfa_alpha, expected):
     analysis.breakeven_form = "power"
     analysis.breakeven = breakeven.break_even(bp, dfa, np.geomspace(1e12, 1e20, 9), max_saving=1.5)
     assert conclusion_sentence(analysis).startswith(expected)
+
+
+def test_early_points_are_drawn_but_not_fitted(tmp_path):
+    # a plateau at the initial loss for the first 5% of the tokens, then an exact power law of compute
+    n_params, C_c, alpha = 1e6, 1e12, 0.1
+    tokens = np.geomspace(1e4, 1e8, 9)
+    plateau = 8.0
+    evals = [(d, plateau if d < 0.05 * tokens[-1] else (C_c / (6 * n_params * d)) ** alpha) for d in tokens]
+    write_run(tmp_path, "bp", {}, evals)
+
+    analysis = analyse_sweep(load_sweep(str(tmp_path)), n_bootstrap=0)
+    frontier = analysis.frontiers["bp"]
+    assert frontier.compute.min() >= 6 * n_params * 0.1 * tokens[-1]
+    assert plateau not in frontier.loss
+    fit = analysis.laws["bp"]["power"]
+    assert fit.alpha == pytest.approx(alpha, rel=1e-3)
+    assert fit.C_c == pytest.approx(C_c, rel=1e-2)
+    # the figure still draws every point
+    assert len(analysis.curves("bp")[0][0]) == len(tokens)
+
+    everything = analyse_sweep(load_sweep(str(tmp_path)), n_bootstrap=0, fit_from=0)
+    assert plateau in everything.frontiers["bp"].loss
+    with pytest.raises(ValueError, match="fit_from"):
+        analyse_sweep(load_sweep(str(tmp_path)), n_bootstrap=0, fit_from=1.0)
