@@ -27,6 +27,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
     default_data_collator,
+    set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -36,7 +37,7 @@ from hf_dfa.config import DFAConfigError
 from hf_dfa.data import DataArguments, DataError, build_datasets
 from hf_dfa.flops import FlopCounts
 from hf_dfa.grid import N_POSITIONS, SIZES, UnknownSizeError, format_size_table
-from hf_dfa.records import RunRecorder, update_run_record
+from hf_dfa.records import RunRecorder, read_run_record, update_run_record
 
 DEFAULT_SIZE = next(iter(SIZES))
 
@@ -170,6 +171,12 @@ def check_output_dir(training_args: TrainingArguments) -> str | None:
             raise ValueError(f"Checkpoint {resume} not found; pass an existing checkpoint directory.")
         return resume
     if os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir):
+        record = read_run_record(training_args.output_dir) or {}
+        if record.get("status") == "completed":
+            raise ValueError(
+                f"{training_args.output_dir} already holds a completed run; pass another --output_dir to start a new "
+                "one, or delete that directory."
+            )
         raise ValueError(
             f"{training_args.output_dir} already holds checkpoints; pass --resume_from_checkpoint true to continue "
             "that run, or another --output_dir to start a new one."
@@ -303,6 +310,8 @@ def train(argv: list[str]) -> int:
     resume = check_output_dir(training_args)
     check_seq_len(data_args, run_args)
     train_dataset, eval_dataset, tokenizer = build_datasets(data_args)
+    # the Trainer seeds only after the model exists; without this the initial weights would differ between runs
+    set_seed(training_args.seed)
     model = build_model(run_args, tokenizer)
 
     # tokens per optimiser step over all processes, for the run record
@@ -406,6 +415,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the process group of a multi-process run before the interpreter exits.
+
+    Left to the interpreter's shutdown, a gloo process group sometimes aborted a rank after training had finished
+    ("terminate called without an active exception"), and the launcher then reported the run as failed.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

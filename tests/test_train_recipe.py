@@ -112,7 +112,7 @@ def test_recipe_resumes_from_last_checkpoint(tmp_path, env, small_corpus):
 
     # running again into the same directory would lose it
     again = run(base, env)
-    assert_one_line_error(again, "already holds checkpoints", "--resume_from_checkpoint true")
+    assert_one_line_error(again, "already holds a completed run", "another --output_dir")
 
     resumed = run(base + ["--resume_from_checkpoint", "true"], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -176,6 +176,10 @@ def test_recipe_marks_interrupted_run(tmp_path, env, small_corpus):
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     assert list(out.glob("checkpoint-*"))
 
+    # starting again without resuming would lose the checkpoints
+    again = run(args, env)
+    assert_one_line_error(again, "already holds checkpoints", "--resume_from_checkpoint true")
+
 
 def test_recipe_short_corpus_one_line(tmp_path, env):
     short = tmp_path / "short.txt"
@@ -196,3 +200,15 @@ def test_recipe_list_sizes(env):
     assert result.returncode == 0
     assert "85M" in result.stdout
     assert "84,934,656" in result.stdout
+
+
+def test_recipe_same_seed_same_run(tmp_path, env, small_corpus):
+    base = TOY + ["--rule", "dfa", "--dataset", str(small_corpus), "--tokenizer", "bpe:300", "--seed", "7"]
+    losses = []
+    for name in ("first", "second"):
+        out = tmp_path / name
+        result = run(base + ["--output_dir", str(out)], env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses.append([row["eval_loss"] for row in rows if "eval_loss" in row])
+    assert losses[0] == losses[1]
