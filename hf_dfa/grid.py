@@ -111,14 +111,14 @@ def size_grid(vocab_size: int = 50257, n_positions: int = N_POSITIONS) -> "Order
 
 def format_size_table(vocab_size: int = 50257) -> str:
     """Return the grid as a text table with parameter counts and default hyperparameters."""
-    header = f"{'size':>6} {'n_layer':>7} {'d_model':>7} {'n_head':>6} {'non-emb params':>14} {'embedding':>10} "
-    header += f"{'lr bp':>8} {'lr dfa':>8} {'batch':>5} {'warmup':>6}"
+    header = f"{'size':>6} {'n_layer':>7} {'d_model':>7} {'n_head':>6} {'non-emb params':>14} {'embedding':>11} "
+    header += f"{'lr bp/shallow':>13} {'lr dfa':>8} {'batch':>5} {'warmup':>6}"
     lines = [header]
     for spec in SIZES.values():
         embedding = vocab_size * spec.d_model + N_POSITIONS * spec.d_model
         lines.append(
             f"{spec.name:>6} {spec.n_layer:>7} {spec.d_model:>7} {spec.n_head:>6} {spec.n_params_non_embedding:>14,} "
-            f"{embedding:>10,} {spec.learning_rate('bp'):>8.2e} {spec.learning_rate('dfa'):>8.2e} "
+            f"{embedding:>11,} {spec.learning_rate('bp'):>13.2e} {spec.learning_rate('dfa'):>8.2e} "
             f"{spec.batch_size:>5} {spec.warmup_steps:>6}"
         )
     return "\n".join(lines)

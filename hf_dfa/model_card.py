@@ -28,7 +28,8 @@ RULE_DESCRIPTIONS = {
     "bp": "Every parameter learned from the gradient of the loss, computed by ordinary backpropagation.",
     "dfa": (
         "The final norm and the LM head learned by backpropagation. Every block received, at its output, the global "
-        "error `e` projected by a fixed random matrix, `B_i e`, in place of the gradient from the blocks above it, "
+        "error `e` projected by a fixed random matrix (`B e`, or `B_i e` with one matrix per block) in place of the "
+        "gradient from the blocks above it, "
         "and learned from it by backpropagation inside the block. The embeddings learned through the first block."
     ),
     "shallow": (

@@ -149,6 +149,9 @@ def main():
     if accelerator.is_main_process:
         torch.save(results, options.output)
     accelerator.wait_for_everyone()
+    # a gloo process group left to the interpreter's shutdown sometimes aborted a rank after its work was done
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
