@@ -112,7 +112,7 @@ def test_recipe_resumes_from_last_checkpoint(tmp_path, env, small_corpus):
 
     # running again into the same directory would lose it
     again = run(base, env)
-    assert_one_line_error(again, "already holds a completed run", "another --output_dir")
+    assert_one_line_error(again, "already contains a completed run", "another --output_dir")
 
     resumed = run(base + ["--resume_from_checkpoint", "true"], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -178,7 +178,7 @@ def test_recipe_marks_interrupted_run(tmp_path, env, small_corpus):
 
     # starting again without resuming would lose the checkpoints
     again = run(args, env)
-    assert_one_line_error(again, "already holds checkpoints", "--resume_from_checkpoint true")
+    assert_one_line_error(again, "already contains checkpoints", "--resume_from_checkpoint true")
 
 
 def test_recipe_short_corpus_one_line(tmp_path, env):
