@@ -33,6 +33,8 @@ N_ORDERING_BUDGETS = 3
 # Eval points before this fraction of a run's final token count are left out of the fits: the loss there is still
 # near its initial value or falling through the warm-up transient, which no power law of compute describes.
 DEFAULT_FIT_FROM = 0.1
+# A run whose final eval loss is this fraction above its best one is reported: its loss rose without becoming NaN.
+LOSS_RISE_TOLERANCE = 0.05
 
 
 @dataclass
@@ -164,6 +166,24 @@ def _parametric_points(analysis: SweepAnalysis, runs: list[Run]) -> tuple[np.nda
     D = np.concatenate([run.tokens[keep] for run, keep in zip(runs, keeps)])
     loss = np.concatenate([run.eval_loss[keep] for run, keep in zip(runs, keeps)])
     return N, D, loss
+
+
+def _check_loss_rises(analysis: SweepAnalysis) -> None:
+    """Note every run whose final eval loss is more than `LOSS_RISE_TOLERANCE` above the best it reached."""
+    for run in analysis.sweep.runs:
+        if len(run.eval_loss) < 2:
+            continue
+        best = int(np.argmin(run.eval_loss))
+        final = float(run.eval_loss[-1])
+        lowest = float(run.eval_loss[best])
+        if final > lowest * (1 + LOSS_RISE_TOLERANCE):
+            _note(
+                analysis,
+                f"run {run.name}: the final eval loss {final:.4g} is {final / lowest - 1:.0%} above its best, "
+                f"{lowest:.4g} at step {int(run.step[best])}. The loss rose without becoming NaN, so the run is "
+                "not marked diverged. The compute frontier keeps only its lower points, but the parametric law fits every "
+                "point of it. Check its learning rate.",
+            )
 
 
 def _fit_rule(analysis: SweepAnalysis, rule: str, n_bootstrap: int, seed: int) -> None:
@@ -409,6 +429,7 @@ def analyse_sweep(
                 f"eval points without `flops` are left out in runs {', '.join(missing)}; "
                 "pass `--compute paper` to use 6 N D instead.",
             )
+    _check_loss_rises(analysis)
     for rule in sweep.rules():
         _fit_rule(analysis, rule, n_bootstrap, seed)
         _check_extrapolation(analysis, rule)

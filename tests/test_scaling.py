@@ -423,3 +423,14 @@ def test_early_points_are_drawn_but_not_fitted(tmp_path):
     assert plateau in everything.frontiers["bp"].loss
     with pytest.raises(ValueError, match="fit_from"):
         analyse_sweep(load_sweep(str(tmp_path)), n_bootstrap=0, fit_from=1.0)
+
+
+def test_loss_rise_is_reported(tmp_path):
+    write_run(tmp_path, "steady", {}, decreasing_evals())
+    rising = decreasing_evals()[:4] + [(16e6, 6.0), (32e6, 6.2)]
+    write_run(tmp_path, "rising", {"seed": 1}, rising)
+
+    analysis = analyse_sweep(load_sweep(str(tmp_path)), n_bootstrap=0)
+    notes = [message for message in analysis.messages if "above its best" in message]
+    assert len(notes) == 1
+    assert notes[0].startswith("run rising: the final eval loss 6.2 is 42% above its best, 4.374 at step 4.")
