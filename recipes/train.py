@@ -37,7 +37,7 @@ from hf_dfa.config import DFAConfigError
 from hf_dfa.data import DataArguments, DataError, build_datasets
 from hf_dfa.flops import FlopCounts
 from hf_dfa.grid import N_POSITIONS, SIZES, UnknownSizeError, format_size_table
-from hf_dfa.records import RunRecorder, read_run_record, update_run_record
+from hf_dfa.records import RunRecorder, read_metrics, read_run_record, update_run_record
 
 DEFAULT_SIZE = next(iter(SIZES))
 
@@ -370,7 +370,9 @@ def train(argv: list[str]) -> int:
     trainer.save_model(training_args.output_dir)
 
     if is_main:
-        wall_time = trainer.state.log_history[-1].get("train_runtime")
+        # metrics.jsonl carries the wall time across resumes; train_runtime covers only this process's part
+        recorded = [row["wall_time"] for row in read_metrics(training_args.output_dir) if "wall_time" in row]
+        wall_time = max(recorded) if recorded else trainer.state.log_history[-1].get("train_runtime")
         record = update_run_record(
             training_args.output_dir,
             status="completed",

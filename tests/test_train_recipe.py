@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,6 +117,10 @@ def test_recipe_resumes_from_last_checkpoint(tmp_path, env, small_corpus):
 
     resumed = run(base + ["--resume_from_checkpoint", "true"], env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the summary's wall time counts the first part too, not only the resumed one
+    first_wall = max(json.loads(line)["wall_time"] for line in first.splitlines())
+    summary_wall = float(re.search(r"wall time\s+([\d.]+) s", resumed.stdout).group(1))
+    assert summary_wall >= first_wall
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps)
     assert len(first) > 0
