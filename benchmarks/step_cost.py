@@ -641,8 +641,8 @@ def write_results(path: str, report: str, ratios_json: str, args: argparse.Names
 def share_malloc_arena() -> bool:
     """Make glibc serve every thread from one malloc arena; return False where that is not possible.
 
-    glibc gives each thread its own arena, and each arena keeps memory that its thread freed. With four trainers
-    in four threads that would hold up to four times the memory of one training run; one shared arena is also
+    glibc gives each thread its own arena, and each arena keeps memory that its thread freed. Four trainers in
+    four threads could therefore keep up to four times the memory of one training run. One shared arena is also
     what a single run on the main thread uses.
     """
     if not sys.platform.startswith("linux"):
@@ -660,8 +660,8 @@ def restart_without_glibc_tunables() -> None:
     """Start the script again without `GLIBC_TUNABLES` in the environment, if it is set.
 
     The setting that speeds up single CPU training runs (`glibc.malloc.mmap_max=0` with trimming off) skews this
-    benchmark: with it, plain `Trainer` and `DFATrainer` with `bp`, which run the same computation, differed by a
-    factor of 1.34 in step time at 0.4M, and the slow one was whichever trainer ran in the second thread (the
+    benchmark. With it, plain `Trainer` and `DFATrainer` with `bp`, which run the same computation, differed by a
+    factor of 1.34 in step time at 0.4M. The slow one was whichever trainer ran in the second thread (the
     third with `--threads 1`). Without it the three trainers that compute a full backward were within 1% of
     each other.
     """

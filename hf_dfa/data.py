@@ -689,7 +689,7 @@ def build_datasets(args: DataArguments):
         `(train_dataset, eval_dataset, tokenizer)`. Items are `{"input_ids", "labels"}`, two `LongTensor`s of
         `seq_len` tokens, ready for `transformers.Trainer` and its default collator. Both datasets are map-style
         `PackedBlocks`, except the training set of a streamed dataset, which is a `StreamingBlocks` iterable dataset.
-        The validation set of a streamed dataset holds at most `STREAMING_EVAL_TOKENS` tokens and is not cached.
+        The validation set of a streamed dataset contains at most `STREAMING_EVAL_TOKENS` tokens and is not cached.
     """
     cache_root = _cache_root(args.cache_dir)
     if args.streaming and args.dataset != EMBEDDED:

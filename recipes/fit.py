@@ -27,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", help="Directory that contains one folder per training run.")
     parser.add_argument("--out", required=True, help="Directory for report.md, fits.json and the figures.")
+
     parser.add_argument(
         "--max_saving",
         type=float,
@@ -56,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"still draw them. Default: {DEFAULT_FIT_FROM}.",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap. Default: 0.")
+
     args = parser.parse_args(argv)
     if not 0 <= args.fit_from < 1:
         parser.error(f"--fit_from must be at least 0 and below 1, got {args.fit_from}.")

@@ -156,7 +156,7 @@ def parse(argv: list[str]):
 
 
 def check_output_dir(training_args: TrainingArguments) -> str | None:
-    """Return the checkpoint to resume from, or raise if the output directory holds a run that would be lost."""
+    """Return the checkpoint to resume from, or raise if the output directory contains a run that would be lost."""
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("true", "last"):
         last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None

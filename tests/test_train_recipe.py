@@ -135,7 +135,7 @@ def test_recipe_marks_diverged_run(tmp_path, env, small_corpus):
     assert_one_line_error(result, "training diverged", "Lower --learning_rate")
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "diverged"
-    # every checkpoint left on disk holds finite weights
+    # every checkpoint left on disk contains finite weights
     from safetensors.torch import load_file
 
     checkpoints = sorted(out.glob("checkpoint-*"))
