@@ -181,8 +181,8 @@ def _check_loss_rises(analysis: SweepAnalysis) -> None:
                 analysis,
                 f"run {run.name}: the final eval loss {final:.4g} is {final / lowest - 1:.0%} above its best, "
                 f"{lowest:.4g} at step {int(run.step[best])}. The loss rose without becoming NaN, so the run is "
-                "not marked diverged. The compute frontier keeps only its lower points, but the parametric law fits every "
-                "point of it. Check its learning rate.",
+                "not marked diverged. The compute frontier keeps only its lower points, but the parametric law "
+                "fits every point of it. Check its learning rate.",
             )
 
 

@@ -37,7 +37,9 @@ class SweepError(ValueError):
 
 @dataclass
 class SweepSpec:
-    """The sizes, rules, seeds and learning rates of a sweep. Every run gets `--learning_rate` = the size's default for the rule x a multiplier.
+    """The sizes, rules, seeds and learning rates of a sweep.
+
+    Every run gets `--learning_rate` = the size's default for the rule x a multiplier.
 
     Args:
         sizes (`list[str]`): names from the size grid.

@@ -174,8 +174,8 @@ def check_output_dir(training_args: TrainingArguments) -> str | None:
         record = read_run_record(training_args.output_dir) or {}
         if record.get("status") == "completed":
             raise ValueError(
-                f"{training_args.output_dir} already contains a completed run; pass another --output_dir to start a new "
-                "one, or delete that directory."
+                f"{training_args.output_dir} already contains a completed run; pass another --output_dir to start "
+                "a new one, or delete that directory."
             )
         raise ValueError(
             f"{training_args.output_dir} already contains checkpoints; pass --resume_from_checkpoint true to continue "
